@@ -4,8 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
+# `make demo ARGS=steps=300,num_eval=500`: arguments of configs/demo.py.
+ARGS ?=
+EXPERIMENT_DIR ?= workdir/experiment
+EXPERIMENT_ARGS ?= steps=1500,num_train=5000,num_eval=700
+SEEDS ?= 0 1 2
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install browser demo experiment test test-fast bench clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,13 +20,25 @@ $(VENV)/.installed: setup.py constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/vpd-jax traces --config=configs/traces_shapes.py:num_examples=500,k=5 \
-		--output_dir=$(WORKDIR)/traces
+	$(VENV)/bin/vpd-jax demo --config=configs/demo.py:$(ARGS) --workdir=$(WORKDIR)
 
-test: install
+# Not in CI: the demo at a larger size for several seeds, then the vpd - direct margins.
+experiment: install
+	for seed in $(SEEDS); do \
+		$(VENV)/bin/vpd-jax demo --config=configs/demo.py:seed=$$seed,$(EXPERIMENT_ARGS) \
+			--workdir=$(EXPERIMENT_DIR)/seed_$$seed || exit 1; \
+	done
+	$(VENV)/bin/vpd-jax summarize --workdir=$(EXPERIMENT_DIR)
+
+# The report test loads report.html in headless Chromium (Debian's package).
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install browser
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 -m "not slow" tests $(PYTEST_ARGS)
 
 bench: install

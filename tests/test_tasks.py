@@ -65,6 +65,18 @@ def test_direct_task_answer_and_image_values(names, vocab, trace_records):
     np.testing.assert_allclose(ex["image"], pixels / 127.5 - 1.0, atol=1e-6)
 
 
+def test_cot_all_task_rationale_prompt_on_every_record(names, vocab, trace_records):
+  got = _examples(names["cot_all"])
+  # Every record, also those no program solved, so it scores the questions NAME.direct scores.
+  assert sorted(ex["example_id"].decode() for ex in got) == sorted(trace_records)
+  for ex in got:
+    record = trace_records[ex["example_id"].decode()]
+    assert vocab.decode(ex["prefix"].tolist()) == f"answer with a rationale: {record.question}"
+    assert ex["suffix_pretokenized"].decode() == record.answer
+  mixture = seqio.get_mixture_or_task(names["vpd"])
+  assert names["cot_all"] not in {t.name for t in mixture.tasks}
+
+
 def test_validation_split_and_small_image_size(names, vocab, validation_trace_dir):
   ids = sorted(ex["example_id"].decode() for ex in _examples(names["direct"], "validation"))
   assert ids == [f"shapes-1-{i:07d}" for i in range(12)]

@@ -12,6 +12,11 @@
           vpd-jax prepare vqav2 --manual_dir=DIR --data_dir=DIR
   bench   run one benchmark and write its JSON result
           vpd-jax bench executor --json OUT
+  demo    the VPD experiment end to end (what `make demo` runs): traces, two models, evaluation,
+          results.json and report.html; a restarted demo resumes after its last finished stage
+          vpd-jax demo --config=configs/demo.py[:steps=300,...] --workdir=DIR
+  report  rebuild report.html from a demo work directory: vpd-jax report --workdir=DIR
+  summarize   vpd - direct margins (mean, std) over demo runs DIR/seed_*: --workdir=DIR
 """
 
 import json
@@ -33,6 +38,9 @@ COMMANDS = {
     "vocab": "train a SentencePiece vocabulary on trace records: --traces=DIR --output=FILE",
     "prepare": "build an evaluation benchmark: vpd-jax prepare NAME --manual_dir=D --data_dir=D",
     "bench": "run a benchmark: vpd-jax bench NAME --json OUT",
+    "demo": "the VPD experiment end to end: --config=configs/demo.py[:...] --workdir=DIR",
+    "report": "rebuild report.html of a demo work directory: --workdir=DIR",
+    "summarize": "vpd - direct margins over the demo runs DIR/seed_*: --workdir=DIR",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
@@ -148,7 +156,61 @@ def _bench(argv):
     records.write_atomic(_JSON.value, (text + "\n").encode("utf-8"))
 
 
-_HANDLERS = {"traces": _traces, "train": _train, "eval": _eval, "vocab": _vocab, "prepare": _prepare, "bench": _bench}
+def _demo(argv):
+  from absl import logging as demo_logging  # pylint: disable=g-import-not-at-top
+  from vpd_jax.experiment import demo  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"demo: unexpected arguments {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("demo: --config=configs/demo.py[:args] and --workdir=DIR are required")
+  # The training loop's progress lines (step, loss, steps/s, ETA) are INFO; the libraries' INFO
+  # lines (checkpointing, seqio) would bury them, so only this package's pass below WARNING.
+  demo_logging.set_verbosity(demo_logging.INFO)
+  demo_logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= logging.WARNING or
+      f"{os.sep}vpd_jax{os.sep}" in record.pathname)
+  logging.getLogger("apache_beam").setLevel(logging.WARNING)
+  try:
+    results = demo.run_demo(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"vpd-jax demo: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(demo.summary_table(results))
+  print(f"written: {os.path.join(_WORKDIR.value, demo.RESULTS_FILE)}, "
+        f"{os.path.join(_WORKDIR.value, demo.REPORT_FILE)}")
+
+
+def _report(argv):
+  from vpd_jax.experiment import report  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"report: unexpected arguments {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("report: --workdir=DIR (a demo work directory) is required")
+  try:
+    path = report.write_report(_WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"vpd-jax report: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"written: {path}")
+
+
+def _summarize(argv):
+  from vpd_jax.experiment import summary  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"summarize: unexpected arguments {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("summarize: --workdir=DIR (holding seed_*/results.json) is required")
+  try:
+    result = summary.summarize(_WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"vpd-jax summarize: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(summary.format_summary(result))
+  print(f"written: {os.path.join(_WORKDIR.value, summary.SUMMARY_FILE)}")
+
+
+_HANDLERS = {"traces": _traces, "train": _train, "eval": _eval, "vocab": _vocab, "prepare": _prepare, "bench": _bench,
+             "demo": _demo, "report": _report, "summarize": _summarize}
 
 
 def run():

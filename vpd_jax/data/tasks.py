@@ -7,6 +7,9 @@
   NAME.direct  prompt "answer: {question}" -> the short answer (first label); every record
   NAME.vpd     the mixture of both, by default in proportion to their example counts (from the
                directory's statistics.json), or at the rates a caller gives
+  NAME.cot_all the rationale prompt on every record -> the short answer: for evaluation only (not in
+               the mixture), so a model prompted for a rationale is scored by its final answer on
+               the same questions as NAME.direct, not only on those a program solved
 
 Records come from the `traces-*-of-*.tfrecord` shards `vpd-jax traces` writes (programs/records.py).
 Host sharding: `seqio.get_dataset(..., shard_info=seqio.ShardInfo(index, num_shards))` gives each host
@@ -35,6 +38,8 @@ from vpd_jax.programs import records
 FILE_PATTERN = "traces-*-of-*.tfrecord"
 TASK_KINDS = ("cot", "direct")
 MIXTURE_SUFFIX = "vpd"
+# Evaluation-only kind: the rationale prompt over every record, target the short answer.
+COT_ALL = "cot_all"
 # Encoded records held for shuffling: a ShapesVQA record is about 3 KB, a photograph 50-200 KB.
 DEFAULT_SHUFFLE_BUFFER = 1000
 _STRING_FIELDS = ("example_id", "image", "question", "answers", "answer", "family", "rationale")
@@ -242,7 +247,8 @@ def register_trace_tasks(name: str, trace_dirs: Mapping[str, str], vocab: seqio.
                          rates: Optional[Mapping[str, float]] = None,
                          skip_bad_records: bool = False,
                          shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER) -> dict:
-  """Registers NAME.cot, NAME.direct and the mixture NAME.vpd; returns {"cot", "direct", "vpd"}.
+  """Registers NAME.cot, NAME.direct, the mixture NAME.vpd and the evaluation task NAME.cot_all;
+  returns {"cot", "direct", "vpd", "cot_all"}.
 
   trace_dirs: split -> trace directory (a single path means {"train": path}). prompts: overrides of
   `preprocessors.DEFAULT_PROMPTS`. rates: {"cot": r1, "direct": r2}; by default the example counts
@@ -257,17 +263,20 @@ def register_trace_tasks(name: str, trace_dirs: Mapping[str, str], vocab: seqio.
   counts = count_examples(trace_dirs[count_split]) if rates is None else {}
   kind_rates = mixing_rates(rates, counts)
   names = {}
-  for offset, kind in enumerate(TASK_KINDS):
+  # (kind, records kept as for, prompt, target field)
+  specs = [("cot", "cot", "cot", "rationale"), ("direct", "direct", "direct", "answer"),
+           (COT_ALL, "direct", "cot", "answer")]
+  for offset, (kind, records_kind, prompt, target) in enumerate(specs):
     task_name = f"{name}.{kind}"
     counter = new_bad_records(task_name)
     add_task(
         task_name, source=TraceDataSource(trace_dirs, shuffle_buffer_size, seed_offset=offset),
         output_features=prep.output_features(vocab),
         preprocessors=[
-            functools.partial(read_trace_records, kind=kind, task_name=task_name,
+            functools.partial(read_trace_records, kind=records_kind, task_name=task_name,
                               skip=skip_bad_records, counter=counter),
-            functools.partial(prep.format_prompt, template=templates[kind],
-                              suffix_key="rationale" if kind == "cot" else "answer"),
+            functools.partial(prep.format_prompt, template=templates[prompt],
+                              suffix_key=target),
             functools.partial(prep.decode_images, image_size=image_size),
             *prep.TOKENIZE_STEPS,
         ],

@@ -167,8 +167,10 @@ def default_task(config, trained: str) -> str:
 
 
 def resolve_task(config, task: str) -> str:
-  """"cot" / "direct" / "vpd" name the trace tasks of the config; anything else is a seqio name."""
-  if config.data.traces and task in (*tasks_lib.TASK_KINDS, tasks_lib.MIXTURE_SUFFIX):
+  """"cot" / "direct" / "vpd" / "cot_all" name the trace tasks of the config; anything else is a
+  seqio name."""
+  if config.data.traces and task in (*tasks_lib.TASK_KINDS, tasks_lib.MIXTURE_SUFFIX,
+                                     tasks_lib.COT_ALL):
     return f"{config.data.name}.{task}"
   return task
 
