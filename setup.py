@@ -34,7 +34,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # torch is pinned in constraints.txt to the CPU build; transformers is the reference for parity.
-    "test": ["pytest", "pytest-xdist", "hypothesis", "torch", "transformers"],
+    # gcp-storage-emulator serves GCS's JSON API locally; gcsfs lets orbax's paths reach it.
+    "test": ["pytest", "pytest-xdist", "hypothesis", "torch", "transformers",
+             "gcp-storage-emulator", "gcsfs"],
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda13]"],
 }
