@@ -9,6 +9,10 @@ Arguments (key=value, comma separated; an unknown key is an error that lists the
   size           model size from vpd_jax.models.sizes (tiny, small, paligemma-3b, paligemma2-3b...)
   dtype, param_dtype, remat, attention   numerics and memory settings of the model
   scan_unroll    unroll the layer scans (faster steps on CPU, longer compiles; same numerics)
+  flash_block_q, flash_block_k   flash-attention block sizes (attention=pallas or auto); 0 picks
+                 the backend's default
+  chunked_ce     compute the output projection and cross-entropy in chunks of the sequence (loss
+                 "sft_chunked": the [B, L, V] logits never exist; same loss and gradients)
   total_steps, batch_size (global, over all hosts), seed
   lr, schedule (cosine | linear | constant), warmup_steps, end_lr_factor, weight_decay, clip_norm,
   grad_accum (micro-batches per step)
@@ -51,7 +55,7 @@ def parse_mesh(text: str) -> list:
 def get_config(arg=None):
   a = parse_arg(
       arg, size="tiny", dtype="float32", param_dtype="float32", remat="none", attention="xla",
-      scan_unroll=False,
+      scan_unroll=False, flash_block_q=0, flash_block_k=0, chunked_ce=False,
       total_steps=1000, batch_size=32, seed=0,
       lr=1e-4, schedule="cosine", warmup_steps=100, end_lr_factor=0.0, weight_decay=0.0,
       clip_norm=1.0, grad_accum=1,
@@ -64,12 +68,13 @@ def get_config(arg=None):
   config.seed = a.seed
   config.total_steps = a.total_steps
   config.batch_size = a.batch_size
-  config.loss = "sft"
+  config.loss = "sft_chunked" if a.chunked_ce else "sft"
   config.log_every = a.log_every
 
   config.model = ml_collections.ConfigDict(dict(
       size=a.size, dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat,
-      attention_impl=a.attention, scan_unroll=a.scan_unroll))
+      attention_impl=a.attention, scan_unroll=a.scan_unroll,
+      flash_block_q=a.flash_block_q or None, flash_block_k=a.flash_block_k or None))
 
   # [(axis, size)]; axes left out have size 1 (the sharding rules skip absent axes).
   config.mesh = parse_mesh(a.mesh)

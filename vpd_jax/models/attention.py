@@ -4,9 +4,15 @@ Layout: queries [B, T, H, D], keys and values [B, S, K, D] with H a multiple of 
 attention: query head h reads kv head h // (H // K), the same grouping as Hugging Face's
 `repeat_kv`), masks bool [B, T, S] indexed [query, key].
 
-`attention(..., impl=)` picks the implementation: "xla" is the dense path below; "auto" picks the
-dense path (the only one available today, and the right one on CPU); "pallas" asks for a Pallas
-flash-attention kernel, which this library does not ship yet, and raises a ValueError saying so.
+`attention(..., impl=)` picks the implementation: "xla" is the dense path below; "pallas" is the
+flash-attention kernel (vpd_jax.kernels.flash_attention; Pallas interpret mode on CPU); "auto" picks
+the kernel on GPU and TPU for rows of 128 tokens or more, the dense path on CPU and for short rows
+and single-token decoding (`resolve_impl`). The kernel never takes a dense mask: it runs when the
+mask is a `SegmentMask` (per-token segment ids and ar flags, which the VLM passes on the kernel
+path) or None (full attention, the ViT); a dense [B, T, S] mask (the KV-cache paths) always runs
+the dense path. Inside a jit with a mesh set (jax.set_mesh), the kernel runs under jax.shard_map
+over the batch and head axes that the logical axis rules give, so sharded training runs it on each
+shard instead of gathering (or replicating) its inputs.
 
 Masks:
   prefix_lm_mask       prefix-LM + segment mask of packed rows (the same rule as
@@ -19,8 +25,13 @@ Masks:
 
 from typing import Optional
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from vpd_jax import sharding as sharding_lib
 
 # Large negative logit for masked keys. A row with no allowed key gets a uniform softmax over these
 # equal values (finite, never NaN); such rows are padding and are never read.
@@ -99,21 +110,97 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def resolve_impl(impl: str) -> str:
-  """The implementation `impl` runs as: "xla" for "xla" and "auto"; errors otherwise."""
-  if impl in ("xla", "auto"):
-    return "xla"
-  if impl == "pallas":
-    raise ValueError(
-        "attention_impl='pallas' needs a Pallas flash-attention kernel with prefix-LM and "
-        "segment masking (vpd_jax.kernels.flash_attention), which is not available in this "
-        "version; use attention_impl='xla' or 'auto'")
+# "auto" picks the kernel for rows at least this long on GPU and TPU.
+KERNEL_MIN_LENGTH = 128
+
+
+def resolve_impl(impl: str, length: Optional[int] = None, backend: Optional[str] = None) -> str:
+  """The implementation `impl` runs as for rows of `length` tokens on `backend` (default: jax's).
+
+  "xla" and "pallas" run as named; "auto" runs "pallas" on GPU and TPU when `length` is at least
+  KERNEL_MIN_LENGTH, "xla" otherwise (CPU, short or unknown lengths, single-token decoding).
+  """
+  if impl in ("xla", "pallas"):
+    return impl
+  if impl == "auto":
+    backend = jax.default_backend() if backend is None else backend
+    on_accelerator = backend in ("gpu", "cuda", "rocm", "tpu")
+    use_kernel = on_accelerator and length is not None and length >= KERNEL_MIN_LENGTH
+    return "pallas" if use_kernel else "xla"
   raise ValueError(f"unknown attention_impl {impl!r}; expected 'xla', 'pallas' or 'auto'")
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None, *,
-              impl: str = "auto", softcap: Optional[float] = None,
-              scale: Optional[float] = None) -> jax.Array:
-  """Attention through the implementation `impl` names (see the module docstring)."""
-  resolve_impl(impl)
+@flax.struct.dataclass
+class SegmentMask:
+  """The prefix-LM + segment mask as per-token inputs, for the kernel: ar_flag and segment_ids
+  [B, T] (the rule of prefix_lm_mask), and the kernel's block sizes (None: the backend default)."""
+  ar_flag: jax.Array
+  segment_ids: jax.Array
+  block_q: Optional[int] = flax.struct.field(pytree_node=False, default=None)
+  block_k: Optional[int] = flax.struct.field(pytree_node=False, default=None)
+
+
+def _kernel_specs(q_shape, num_kv_heads: int, mesh):
+  """PartitionSpecs (q and out, k and v, per-token [B, T] arrays) for the kernel's shard_map."""
+  rules = nn.get_logical_axis_rules() or sharding_lib.DEFAULT_RULES
+  batch_axes, _, head_axes, _ = sharding_lib.logical_to_mesh_spec(
+      ("batch", "length", "heads", "head_dim"), mesh, rules, q_shape)
+  kv_head_axes = head_axes
+  if head_axes is not None and num_kv_heads % sharding_lib.axes_size(mesh, head_axes):
+    if num_kv_heads != 1:
+      # Query heads split evenly but kv heads do not: the groups would straddle shards.
+      head_axes = kv_head_axes = None
+    else:
+      kv_head_axes = None  # multi-query: every shard of query heads reads the one kv head
+  return (P(batch_axes, None, head_axes, None), P(batch_axes, None, kv_head_axes, None),
+          P(batch_axes, None))
+
+
+def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                     ar_flag: jax.Array, positions: jax.Array, *, softcap: Optional[float] = None,
+                     scale: Optional[float] = None, window: Optional[int] = None,
+                     block_q: Optional[int] = None, block_k: Optional[int] = None) -> jax.Array:
+  """The flash-attention kernel, under jax.shard_map when a multi-device mesh is set."""
+  from vpd_jax.kernels import flash_attention  # pylint: disable=g-import-not-at-top
+  def run(q, k, v, segment_ids, ar_flag, positions):
+    return flash_attention.flash_attention(
+        q, k, v, segment_ids=segment_ids, ar_flag=ar_flag, positions=positions, softcap=softcap,
+        window=window, scale=scale, block_q=block_q, block_k=block_k)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return run(q, k, v, segment_ids, ar_flag, positions)
+  q_spec, kv_spec, token_spec = _kernel_specs(q.shape, k.shape[2], mesh)
+  return jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + (token_spec,) * 3,
+                       out_specs=q_spec, check_vma=False)(q, k, v, segment_ids, ar_flag,
+                                                         positions)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask=None, *, impl: str = "auto",
+              softcap: Optional[float] = None, scale: Optional[float] = None,
+              positions: Optional[jax.Array] = None, window: Optional[int] = None,
+              local: Optional[jax.Array] = None) -> jax.Array:
+  """Attention through the implementation `impl` names (see the module docstring).
+
+  `mask`: None, a dense bool [B, T, S] mask, or a SegmentMask (kernel path; its sliding window
+  reads `positions` [B, T], default 0..T-1). `window` and `local` are read on the kernel path only
+  (a dense mask already holds the window): with `local` (a traced bool, Gemma 2's even layers) the
+  window applies where `local` is true, without it always.
+  """
+  if isinstance(mask, SegmentMask):
+    ones = jnp.ones(q.shape[:2], jnp.int32)
+    positions = jnp.cumsum(ones, axis=1) - 1 if positions is None else positions
+    run = lambda w: kernel_attention(q, k, v, mask.segment_ids, mask.ar_flag, positions,
+                                     softcap=softcap, scale=scale, window=w,
+                                     block_q=mask.block_q, block_k=mask.block_k)
+    if window is None:
+      return run(None)
+    if local is None:
+      return run(window)
+    return jax.lax.cond(local, lambda: run(window), lambda: run(None))
+  resolved = resolve_impl(impl, q.shape[1])
+  if resolved == "pallas" and mask is None and q.shape[1] == k.shape[1]:
+    ones = jnp.ones(q.shape[:2], jnp.int32)
+    # Full attention: one segment, no causal tokens.
+    return kernel_attention(q, k, v, ones, 0 * ones, jnp.cumsum(ones, axis=1) - 1,
+                            softcap=softcap, scale=scale)
   return dot_product_attention(q, k, v, mask, softcap=softcap, scale=scale)

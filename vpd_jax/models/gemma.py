@@ -1,7 +1,7 @@
 """The Gemma (1 and 2) decoder: embeddings, `depth` blocks stacked under nn.scan, tied logits.
 
   embed(tokens [B, T])                      -> [B, T, D], the embedding row times sqrt(D)
-  __call__(x [B, T, D], positions [B, T], mask [B, T, S], cache=None)
+  __call__(x [B, T, D], positions [B, T], mask [B, T, S] or attention.SegmentMask, cache=None)
                                             -> (logits [B, T, V] float32, new_cache)
   logits(hidden [B, T, D])                  -> tied-embedding logits, soft-capped if configured
 
@@ -138,7 +138,9 @@ class Attention(nn.Module):
                    "v": layer["v"].at[rows, positions].set(value.astype(layer["v"].dtype))}
       key, value = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
     out = attention_lib.attention(q, key, value, mask, impl=self.attention_impl,
-                                  softcap=cfg.attn_logit_softcap, scale=cfg.query_scale)
+                                  softcap=cfg.attn_logit_softcap, scale=cfg.query_scale,
+                                  positions=positions, window=cfg.sliding_window,
+                                  local=layer.get("local"))
     out = Einsum((n, h, d), ("heads", "head_dim", "embed"), _fan_in_init((0, 1), 2),
                  name="attn_vec_einsum", **kw)("btnh,nhd->btd", out)
     return out, new_cache
@@ -242,14 +244,21 @@ class Gemma(nn.Module):
     if width != cfg.width or positions.shape != (batch, length):
       raise ValueError(f"Gemma: x {x.shape} and positions {positions.shape} must be [B, T, "
                        f"{cfg.width}] and [B, T]")
-    if mask.shape != (batch, length, keys):
+    # A SegmentMask (the kernel path) carries per-token inputs; the kernel applies the sliding
+    # window itself on local layers.
+    per_token = isinstance(mask, attention_lib.SegmentMask)
+    if per_token and (cache is not None or mask.segment_ids.shape != (batch, length)):
+      raise ValueError(f"Gemma: a SegmentMask needs no cache and [B, T] = {(batch, length)} "
+                       f"inputs, got segment_ids {mask.segment_ids.shape}")
+    if not per_token and mask.shape != (batch, length, keys):
       raise ValueError(f"Gemma: mask has shape {mask.shape}, expected {(batch, length, keys)} "
                        "([B, T, T] without a cache, [B, T, cache slots] with one)")
     layer = {}
     local_mask = None
     if cfg.sliding_window is not None:
       layer["local"] = jnp.arange(cfg.depth) % 2 == 0
-      local_mask = _local_mask(mask, positions, cfg.sliding_window, cache is not None)
+      if not per_token:
+        local_mask = _local_mask(mask, positions, cfg.sliding_window, cache is not None)
     if cache is not None:
       layer["k"], layer["v"] = cache["k"], cache["v"]
     x, new_layers = self.layers(x.astype(self.dtype), layer, positions, mask, local_mask)

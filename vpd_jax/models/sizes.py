@@ -117,6 +117,10 @@ class VLMConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: str = "xla"
+  # Flash-attention block sizes (queries, keys) for attention_impl "pallas"/"auto"; None picks
+  # the backend's default (kernels.flash_attention.DEFAULT_BLOCKS). Multiples of 8.
+  flash_block_q: Optional[int] = None
+  flash_block_k: Optional[int] = None
   remat: str = "none"
   # Unroll the layer scans (same parameters and numerics): on CPU the rolled loop spends time
   # zero-filling its carry buffers; unrolling trades compile time for step time.
@@ -134,6 +138,11 @@ class VLMConfig:
                        f"{self.attention_impl!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"VLMConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    for name in ("flash_block_q", "flash_block_k"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
+        raise ValueError(f"VLMConfig.{name} must be None or a positive multiple of 8, got "
+                         f"{value!r}")
 
   @property
   def num_image_tokens(self) -> int:
@@ -242,6 +251,17 @@ def get_size(name: str, **overrides) -> VLMConfig:
   return dataclasses.replace(
       config, vit=dataclasses.replace(config.vit, **towers["vit"]),
       llm=dataclasses.replace(config.llm, **towers["llm"]), **top)
+
+
+# The keys of a training config's `model` section (configs/vpd_sft.py) that are VLMConfig fields.
+_MODEL_SECTION_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "scan_unroll",
+                         "flash_block_q", "flash_block_k")
+
+
+def from_model_section(model) -> VLMConfig:
+  """The VLMConfig a training config's `model` section names: its `size` with the section's
+  numerics, memory and attention settings applied (keys the section lacks keep their defaults)."""
+  return get_size(model["size"], **{k: model[k] for k in _MODEL_SECTION_FIELDS if k in model})
 
 
 def _field_names(cls) -> set[str]:

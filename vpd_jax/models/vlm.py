@@ -101,7 +101,13 @@ class VLM(nn.Module):
     _check_rows(images, tokens=tokens, image_slot=image_slot, ar_flag=ar_flag,
                 positions=positions, segment_ids=segment_ids)
     x = self.embed_inputs(images, tokens, image_slot, positions)
-    mask = attention_lib.prefix_lm_mask(ar_flag, segment_ids)
+    cfg = self.config
+    if attention_lib.resolve_impl(cfg.attention_impl, tokens.shape[1]) == "pallas":
+      # The kernel builds the mask blocks itself from these per-token inputs.
+      mask = attention_lib.SegmentMask(ar_flag, segment_ids, block_q=cfg.flash_block_q,
+                                       block_k=cfg.flash_block_k)
+    else:
+      mask = attention_lib.prefix_lm_mask(ar_flag, segment_ids)
     out, _ = self.llm(x, positions, mask, return_hidden=return_hidden)
     return out
 

@@ -69,6 +69,7 @@ def make_apply_fn(model: nn.Module) -> Callable:
       raise ValueError(f"batch lacks model input(s) {missing}; it has {sorted(batch)}")
     rngs = {} if rng is None else {"dropout": rng}
     return model.apply({"params": params}, **{k: batch[k] for k in MODEL_INPUTS}, rngs=rngs)
+  apply_fn.model = model  # for losses that need more than the logits ("sft_chunked")
   return apply_fn
 
 
@@ -89,6 +90,35 @@ def sft_loss(logits: jax.Array, batch: Mapping[str, jax.Array]) -> Tuple[jax.Arr
 def sft(params, batch, rng, apply_fn):
   """Supervised fine-tuning: the model's logits on the batch, scored by `sft_loss`."""
   return sft_loss(apply_fn(params, batch, rng), batch)
+
+
+# Sequence positions per chunk of the "sft_chunked" loss: [B, CE_CHUNK, V] float32 logits at once.
+CE_CHUNK = 64
+
+
+@register_loss("sft_chunked")
+def sft_chunked(params, batch, rng, apply_fn):
+  """`sft` with the output projection and cross-entropy computed CE_CHUNK positions at a time
+  (kernels/cross_entropy.py), so the [B, L, V] logits never exist; same loss and gradients.
+  Needs an apply_fn from `make_apply_fn` (it runs the model for its hidden states)."""
+  from vpd_jax.kernels import cross_entropy  # pylint: disable=g-import-not-at-top
+  model = getattr(apply_fn, "model", None)
+  if model is None:
+    raise ValueError("loss 'sft_chunked' needs an apply_fn made by make_apply_fn (it reads "
+                     "apply_fn.model)")
+  variables = {"params": params}
+  rngs = {} if rng is None else {"dropout": rng}
+  hidden = model.apply(variables, **{k: batch[k] for k in MODEL_INPUTS}, return_hidden=True,
+                       rngs=rngs)
+  # The tied output layer exactly as Gemma.logits uses it (cast to the compute dtype).
+  embedding = model.apply(variables, method=lambda m: m.llm.embedder.input_embedding)
+  cfg = model.config
+  mask = batch["loss_mask"].astype(jnp.float32)
+  tokens = jnp.sum(mask)
+  loss = cross_entropy.weighted_cross_entropy(
+      hidden, embedding.astype(cfg.dtype), batch["targets"], mask / jnp.maximum(tokens, 1.0),
+      chunk=CE_CHUNK, softcap=cfg.llm.final_logit_softcap)
+  return loss, {"tokens": tokens, "weight": tokens}
 
 
 def synthetic_batch(num_image_tokens: int, image_size: int, vocab_size: int, batch_size: int,
