@@ -13,6 +13,8 @@ BENCHMARKS = {
     "input": "bench.input",  # examples/s of the training input pipeline, packed and unpacked
     "decode": "bench.decode",  # greedy decoding tokens/s: KV cache vs recomputing the sequence
     "train": "bench.train",  # SFT step MFU (small) vs the f32 matmul peak, and vs HF PaliGemma
+    "rollout": "bench.rollout",  # multi-turn pixel-operation rollouts/s, model vs environment time
+    "attention": "bench.attention",  # flash attention vs dense fwd+bwd; chunked CE memory
 }
 
 

@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 COMMANDS = {
@@ -38,6 +39,8 @@ COMMANDS = {
     "vocab": "train a SentencePiece vocabulary on trace records: --traces=DIR --output=FILE",
     "prepare": "build an evaluation benchmark: vpd-jax prepare NAME --manual_dir=D --data_dir=D",
     "bench": "run a benchmark: vpd-jax bench NAME --json OUT",
+    "pairs": "DPO pairs from an SFT run's chains: --config=configs/dpo.py:... --workdir=SFT "
+             "--output_dir=DIR",
     "demo": "the VPD experiment end to end: --config=configs/demo.py[:...] --workdir=DIR",
     "report": "rebuild report.html of a demo work directory: --workdir=DIR",
     "summarize": "vpd - direct margins over the demo runs DIR/seed_*: --workdir=DIR",
@@ -56,6 +59,16 @@ _OUTPUT = flags.DEFINE_string("output", None, "Where `vocab` writes the Sentence
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 4000, "Upper bound on the vocabulary size.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Where the official benchmark files are.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory `prepare` writes to.")
+# Multi-host runs (`train`, `eval`): see vpd_jax/distributed.py for how the settings are found.
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "flags", "env", "slurm", "tpu", "none"],
+    "`train`/`eval`: how jax.distributed is set up; auto picks the flags below, the JAX_* "
+    "environment, a SLURM job step or a Cloud TPU VM, else a single process.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None,
+                                    "CPU backend: devices per process (local multi-host tests).")
 
 
 def _usage() -> str:
@@ -83,17 +96,23 @@ def _traces(argv):
 
 
 def _train(argv):
+  from vpd_jax import distributed as distributed_lib  # pylint: disable=g-import-not-at-top
   from vpd_jax.train import loop  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"train: unexpected arguments {argv[1:]}")
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("train: --config=... and --workdir=DIR are required")
+  trainer = loop.train
+  if _CONFIG.value.get("trainer") == "pixel_rl":  # configs/pixel_rl.py: warm start, then GRPO
+    from vpd_jax.rl import loop as rl_loop  # pylint: disable=g-import-not-at-top
+    trainer = rl_loop.train
   try:
-    metrics = loop.train(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
+    metrics = trainer(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, PermissionError) as e:  # a gs:// workdir's bucket
     print(f"vpd-jax train: error: {e}", file=sys.stderr)
     sys.exit(1)
-  print(json.dumps({k: float(v) for k, v in (metrics or {}).items()}, sort_keys=True))
+  if distributed_lib.is_main_process():
+    print(json.dumps({k: float(v) for k, v in (metrics or {}).items()}, sort_keys=True))
 
 
 def _eval(argv):
@@ -110,6 +129,25 @@ def _eval(argv):
     sys.exit(1)
   print(json.dumps(result["metrics"], indent=2, sort_keys=True))
   print(f"written to {os.path.join(_WORKDIR.value, 'eval', result['task'] + '.json')}")
+
+
+def _pairs(argv):
+  from vpd_jax.train import pairs  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"pairs: unexpected arguments {argv[1:]}")
+  if _CONFIG.value is None or not _OUTPUT_DIR.value:
+    raise app.UsageError("pairs: --config=configs/dpo.py:... --workdir=SFT_WORKDIR "
+                         "--output_dir=DIR are required")
+  sft_workdir = _WORKDIR.value or _CONFIG.value.get("init_from")
+  if not sft_workdir:
+    raise app.UsageError("pairs: --workdir=SFT_WORKDIR (or init_from in the config) is required")
+  try:
+    manifest = pairs.build_pairs(_CONFIG.value, sft_workdir, _OUTPUT_DIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"vpd-jax pairs: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(manifest["statistics"], indent=2, sort_keys=True))
+  print(f"pairs and manifest.json written to {_OUTPUT_DIR.value}")
 
 
 def _vocab(argv):
@@ -210,7 +248,27 @@ def _summarize(argv):
 
 
 _HANDLERS = {"traces": _traces, "train": _train, "eval": _eval, "vocab": _vocab, "prepare": _prepare, "bench": _bench,
+             "pairs": _pairs,
              "demo": _demo, "report": _report, "summarize": _summarize}
+
+# Commands that run jax programs and so may span several hosts.
+_DISTRIBUTED_COMMANDS = ("train", "eval")
+
+
+def _with_distributed(handler):
+  """`handler` preceded by jax.distributed start-up; hosts other than 0 log warnings only."""
+  def run_handler(argv):
+    from vpd_jax import distributed as distributed_lib  # pylint: disable=g-import-not-at-top
+    try:
+      cluster = distributed_lib.resolve(_DISTRIBUTED.value, _COORDINATOR.value,
+                                        _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    distributed_lib.initialize(cluster, cpu_devices=_CPU_DEVICES.value)
+    if not distributed_lib.is_main_process():
+      absl_logging.set_verbosity(absl_logging.WARNING)
+    return handler(argv)
+  return run_handler
 
 
 def run():
@@ -223,7 +281,10 @@ def run():
   if command not in _HANDLERS:
     print(f"vpd-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     sys.exit(2)
-  app.run(_HANDLERS[command], argv=argv)
+  handler = _HANDLERS[command]
+  if command in _DISTRIBUTED_COMMANDS:
+    handler = _with_distributed(handler)
+  app.run(handler, argv=argv)
 
 
 if __name__ == "__main__":

@@ -141,10 +141,7 @@ def scored_name(name: str) -> str:
 # ------------------------------------------------------------------------------------ config
 
 def _model_config(config) -> sizes.VLMConfig:
-  return sizes.get_size(config.model.size, dtype=config.model.dtype,
-                        param_dtype=config.model.param_dtype, remat=config.model.remat,
-                        attention_impl=config.model.attention_impl,
-                        scan_unroll=config.model.get("scan_unroll", False))
+  return sizes.from_model_section(config.model)
 
 
 def _mesh(config):

@@ -143,9 +143,7 @@ def _train(config, workdir, cleanup) -> dict:
   mesh_spec += [(n, 1) for n in train_loop.MESH_AXES if n not in {a[0] for a in mesh_spec}]
   mesh = sharding_lib.make_mesh(mesh_spec)
   rules = sharding_lib.DEFAULT_RULES
-  model_config = sizes.get_size(config.model.size, dtype=config.model.dtype,
-                                param_dtype=config.model.param_dtype, remat=config.model.remat,
-                                attention_impl=config.model.attention_impl)
+  model_config = sizes.from_model_section(config.model)
   model = vlm.VLM(model_config)
   world = World(config.world)
   env_config = env_lib.EnvConfig(max_ops=config.env.max_ops, min_crop=config.env.min_crop,
@@ -303,9 +301,7 @@ def _grpo_batch(config, world, vocab, model_config, params, rollout_config, env_
 def restore_policy(config: Any, workdir: str, step=None):
   """(model config, parameters, vocabulary) of a run's checkpoint (default: the latest), for
   rollouts outside training (benchmarks, inspection)."""
-  model_config = sizes.get_size(config.model.size, dtype=config.model.dtype,
-                                param_dtype=config.model.param_dtype, remat=config.model.remat,
-                                attention_impl=config.model.attention_impl)
+  model_config = sizes.from_model_section(config.model)
   model = vlm.VLM(model_config)
   mesh = sharding_lib.make_mesh([(name, 1) for name in train_loop.MESH_AXES])
   optimizer = optim.make_optimizer({"lr": config.grpo.lr, "schedule": "constant"}, 1)

@@ -25,6 +25,7 @@ import seqio
 import tensorflow as tf
 
 from vpd_jax.data import features
+from vpd_jax.data import pairs
 from vpd_jax.data import tasks
 
 
@@ -41,9 +42,14 @@ class InputConfig:
   pack: bool = True
   max_images_per_row: int = 4
   num_epochs: Optional[int] = None  # None repeats forever
+  # The rows: "vlm" (VLMFeatureConverter), "pairs" or "pairs_with_reference" (data/pairs.py's
+  # PairFeatureConverter, for DPO).
+  converter: str = "vlm"
 
   def fingerprint(self, process_count: int) -> dict:
-    return {"name": self.name, "split": self.split, "seed": int(self.seed),
+    # "converter" only when not the default, so that positions saved before it existed still match.
+    extra = {} if self.converter == "vlm" else {"converter": self.converter}
+    return {**extra, "name": self.name, "split": self.split, "seed": int(self.seed),
             "shuffle": bool(self.shuffle), "batch_size": int(self.batch_size),
             "task_feature_lengths": {k: int(v)
                                      for k, v in sorted(self.task_feature_lengths.items())},
@@ -63,8 +69,15 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 def make_dataset(config: InputConfig, process_index: int, process_count: int,
                  skip_batches: int = 0) -> tf.data.Dataset:
   """This host's batched dataset of `config`, starting after `skip_batches` batches."""
-  converter = features.VLMFeatureConverter(
-      config.num_image_tokens, pack=config.pack, max_images_per_row=config.max_images_per_row)
+  if config.converter == "vlm":
+    converter = features.VLMFeatureConverter(
+        config.num_image_tokens, pack=config.pack, max_images_per_row=config.max_images_per_row)
+  elif config.converter in ("pairs", "pairs_with_reference"):
+    converter = pairs.PairFeatureConverter(
+        config.num_image_tokens, with_reference=config.converter == "pairs_with_reference")
+  else:
+    raise ValueError(f"input converter {config.converter!r} is unknown; expected vlm, pairs or "
+                     "pairs_with_reference")
   ds = tasks.get_dataset(
       config.name, dict(config.task_feature_lengths), converter, dataset_split=config.split,
       shuffle=config.shuffle, seed=config.seed, num_epochs=config.num_epochs,

@@ -3,7 +3,9 @@
   mesh -> input pipeline -> model and optimizer -> init or restore -> update step -> evals -> loop
 
 Config: see configs/vpd_sft.py (seed, total_steps, batch_size, loss, log_every, model, mesh, optim,
-lora, data, checkpoint, eval). What lands in `workdir`:
+lora, data, checkpoint, eval) and configs/dpo.py (loss_args, init_from: a workdir whose latest
+parameters start the run; reference: on_the_fly scores pair batches with those parameters frozen).
+What lands in `workdir`:
 
   checkpoints/STEP/   orbax checkpoints (state + input position), every `checkpoint.every` steps,
                       on SIGTERM and at the end; the latest is restored when the run starts again
@@ -20,6 +22,7 @@ of the current step and return normally.
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import time
@@ -33,13 +36,17 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
+from vpd_jax import distributed as distributed_lib
 from vpd_jax import sharding as sharding_lib
+from vpd_jax import storage
+from vpd_jax.data import pairs as pair_data
 from vpd_jax.data import tasks
 from vpd_jax.data import vocab as vocab_lib
 from vpd_jax.models import sizes
 from vpd_jax.models import vlm
 from vpd_jax.train import checkpoint as checkpoint_lib
 from vpd_jax.train import data as data_lib
+from vpd_jax.train import dpo
 from vpd_jax.train import lora as lora_lib
 from vpd_jax.train import optim
 from vpd_jax.train import state as state_lib
@@ -51,7 +58,22 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def register_tasks(data_config, image_size: int, vocab_size_limit: int) -> str:
-  """Registers the trace tasks when `data.traces` is set; returns the seqio name to train on."""
+  """Registers the trace tasks when `data.traces` is set; returns the seqio name to train on.
+
+  With `data.pairs` (DPO) the preference-pair task NAME.pairs is registered too and trained on.
+  """
+  trained = _register_trace_tasks(data_config, image_size, vocab_size_limit)
+  if not data_config.get("pairs"):
+    return trained
+  if not data_config.vocab:
+    raise ValueError("config data.vocab is required with data.pairs (the vocabulary the pairs "
+                     "were sampled with)")
+  return pair_data.register_pair_task(
+      f"{data_config.name}.pairs", data_config.pairs, vocab_lib.load_vocabulary(data_config.vocab),
+      image_size, with_reference=data_config.get("converter") == "pairs_with_reference")
+
+
+def _register_trace_tasks(data_config, image_size: int, vocab_size_limit: int) -> str:
   if not data_config.traces:
     return data_config.train  # a task or mixture registered elsewhere, by its full name
   if not data_config.vocab:
@@ -115,6 +137,8 @@ def _train(config: Any, workdir: str, cleanup: contextlib.ExitStack) -> dict:
     tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to jax
   except RuntimeError:
     pass  # TensorFlow's devices are already set up (an earlier run in this process)
+  if storage.is_gcs(workdir):  # pods write checkpoints and logs to a bucket: fail early, by name
+    storage.check_bucket(workdir)
   tf.io.gfile.makedirs(workdir)
 
   # ---------------------------------------------------------------- mesh
@@ -128,17 +152,15 @@ def _train(config: Any, workdir: str, cleanup: contextlib.ExitStack) -> dict:
                jax.process_count())
 
   # ---------------------------------------------------------------- input pipeline
-  model_config = sizes.get_size(config.model.size, dtype=config.model.dtype,
-                                param_dtype=config.model.param_dtype, remat=config.model.remat,
-                                attention_impl=config.model.attention_impl,
-                                scan_unroll=config.model.get("scan_unroll", False))
+  model_config = sizes.from_model_section(config.model)
   train_name = register_tasks(config.data, model_config.vit.image_size,
                               model_config.llm.vocab_size)
   input_config = data_lib.InputConfig(
       name=train_name,
       task_feature_lengths={"prefix": config.data.prefix_len, "suffix": config.data.suffix_len},
       batch_size=config.batch_size, num_image_tokens=model_config.num_image_tokens,
-      seed=config.seed, pack=config.data.pack, max_images_per_row=config.data.images_per_row)
+      seed=config.seed, pack=config.data.pack, max_images_per_row=config.data.images_per_row,
+      converter=config.data.get("converter", "vlm"))
   train_input = data_lib.TrainInput(input_config)
 
   # ---------------------------------------------------------------- model and optimizer
@@ -146,6 +168,8 @@ def _train(config: Any, workdir: str, cleanup: contextlib.ExitStack) -> dict:
   optimizer = optim.make_optimizer(config.optim, config.total_steps)
   schedule = optim.make_schedule(config.optim, config.total_steps)
   loss_fn = steps.get_loss(config.loss)
+  if config.get("loss_args"):  # e.g. DPO's beta
+    loss_fn = functools.partial(loss_fn, **config.loss_args)
   apply_fn = steps.make_apply_fn(model)
   init_inputs = vlm.example_inputs(model_config)  # parameter shapes do not depend on the batch
 
@@ -167,7 +191,22 @@ def _train(config: Any, workdir: str, cleanup: contextlib.ExitStack) -> dict:
                                               rng=config.seed, **state_kwargs)
     logging.info("initialised %s: %d parameters", config.model.size,
                  vlm.count_params(abstract.params))
+    if config.get("init_from"):  # e.g. DPO from the SFT run; the optimizer state starts afresh
+      params, from_step = dpo.load_params(config.init_from, config.model.size, abstract.params)
+      state = state.replace(params=params)
+      logging.info("parameters from %s (step %d)", config.init_from, from_step)
   start = int(np.asarray(state.step.addressable_data(0)))  # replicated; host-local read
+
+  # ---------------------------------------------------------------- reference model (DPO)
+  # reference=on_the_fly: the init_from parameters, frozen, score every pair batch before the step.
+  add_reference = lambda batch: batch
+  if config.get("reference") == "on_the_fly":
+    if not config.get("init_from"):
+      raise ValueError("config reference=on_the_fly needs init_from (the reference model's run)")
+    reference_params, _ = dpo.load_params(config.init_from, config.model.size, abstract.params)
+    reference_fn = dpo.make_reference_fn(apply_fn, mesh, shardings.params, rules)
+    add_reference = lambda batch: {**batch, dpo.REFERENCE_KEY: reference_fn(reference_params,
+                                                                             batch)}
 
   # ---------------------------------------------------------------- update step
   trainable_mask = None
@@ -200,7 +239,7 @@ def _train(config: Any, workdir: str, cleanup: contextlib.ExitStack) -> dict:
     total = weight = 0.0
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for batch in eval_input:
-        loss_sum, w = eval_step(state, sharding_lib.shard_batch(batch, mesh, rules))
+        loss_sum, w = eval_step(state, add_reference(sharding_lib.shard_batch(batch, mesh, rules)))
         total, weight = total + loss_sum, weight + w
     value = float(total / max(float(weight), 1e-12))
     log.write(step, {"eval_loss": value})
@@ -228,7 +267,14 @@ def _train(config: Any, workdir: str, cleanup: contextlib.ExitStack) -> dict:
   for step in range(start + 1, total_steps + 1):
     batch = next(train_input)
     interval_tokens += data_lib.count_tokens(batch) * jax.process_count()
-    state, metrics = train_step(state, sharding_lib.shard_batch(batch, mesh, rules))
+    global_batch = add_reference(sharding_lib.shard_batch(batch, mesh, rules))
+    if step == start + 1 and jax.process_count() > 1:
+      # Hosts finish compiling at different times, and the CPU collectives (gloo) give a late host
+      # only 30 s to join the first one: compile, then meet at a coordination-service barrier.
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        train_step.jitted.lower(state, global_batch).compile()
+      distributed_lib.wait_for_all_hosts("train step compiled")
+    state, metrics = train_step(state, global_batch)
     pending.append((step, metrics))
     interval_steps += 1
 
