@@ -48,6 +48,8 @@ bench: install
 	$(VENV)/bin/vpd-jax bench input --json $(WORKDIR)/bench/input.json
 	$(VENV)/bin/vpd-jax bench decode --json $(WORKDIR)/bench/decode.json
 	$(VENV)/bin/vpd-jax bench train --json $(WORKDIR)/bench/train.json
+	$(VENV)/bin/vpd-jax bench attention --json $(WORKDIR)/bench/attention.json
+	$(VENV)/bin/vpd-jax bench rollout --json $(WORKDIR)/bench/rollout.json
 
 clean:
 	rm -rf $(VENV) workdir
