@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+from etils.epath import gpath
 import pytest
 
 from vpd_jax import storage
@@ -61,7 +62,11 @@ def gcs(emulator, monkeypatch):
     monkeypatch.setenv(name, value)
   # Nothing may reach for real credentials.
   monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/credentials.json")
-  return emulator
+  # etils.epath decides once per process whether gs:// goes through TensorFlow (which cannot reach
+  # the emulator); an earlier test in the same process may have fixed that choice.
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+  yield emulator
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
 
 
 def test_paths():
