@@ -102,6 +102,21 @@ def test_max_to_keep_and_latest(tmp_path):
   ckpt.close()
 
 
+def test_relative_directory(tmp_path, monkeypatch):
+  # `make demo` passes a relative work directory; orbax itself accepts only absolute paths.
+  monkeypatch.chdir(tmp_path)
+  mesh = _mesh()
+  ckpt = checkpoint.Checkpointer(os.path.join("work", "ckpt"), model_size="tiny")
+  assert ckpt.directory == str(tmp_path / "work" / "ckpt")
+  assert ckpt.save(3, _toy_state(mesh, seed=3), {"position": 3})
+  ckpt.wait_until_finished()
+  restored, meta = ckpt.restore(checkpoint.abstract_like(_toy_state(mesh)))
+  for got, want in zip(_arrays(restored), _arrays(_toy_state(mesh, seed=3))):
+    np.testing.assert_array_equal(got, want)
+  assert meta["step"] == 3
+  ckpt.close()
+
+
 def test_unfinished_save_is_invisible(tmp_path):
   """A directory left by a save that never finished is neither listed nor restored."""
   mesh = _mesh()

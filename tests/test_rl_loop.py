@@ -20,11 +20,13 @@ BASE = ("hires_size=192,target_radius=0.03,warm_steps=2,warm_examples=8,warm_bat
 
 
 def _train(workdir, extra):
+  # One device, whatever device count other test modules of this process forced through XLA_FLAGS.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.run(
       [sys.executable, "-m", "vpd_jax.main", "train",
        f"--config=configs/pixel_rl.py:{BASE},{extra}", f"--workdir={workdir}"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+      env={**env, "JAX_PLATFORMS": "cpu"})
 
 
 def _metrics(workdir):

@@ -72,6 +72,8 @@ class Checkpointer:
                async_save: bool = True):
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep}: keep at least one checkpoint (or None for all)")
+    if "://" not in directory:
+      directory = os.path.abspath(directory)  # orbax refuses relative paths
     self.directory = directory
     self.model_size = model_size
     options = ocp.CheckpointManagerOptions(
