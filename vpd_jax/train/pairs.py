@@ -14,7 +14,7 @@ With `config.reference == "stored"` the sampling model's log-probability of ever
 rejected chain is computed on the same rows the DPO step will see (data/pairs.py's converter) and
 stored in the records, so training needs no second model.
 
-Output, in `output_dir`: `pairs-XXXXX-of-YYYYY.tfrecord` shards of data/pairs.py's records and
+Output, in `output_dir`: `pairs-00000-of-00004.tfrecord`-style shards of data/pairs.py's records and
 `manifest.json` (the statistics, the settings and the shard names), each written to a temporary
 name and renamed into place; the manifest comes last, so its presence means the set is complete.
 Statistics: questions, questions_with_pair (and their share), pairs, chains (distinct chains per
