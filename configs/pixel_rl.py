@@ -32,20 +32,7 @@ Arguments (key=value, comma separated; an unknown key is an error that lists the
 import ml_collections
 
 from vpd_jax.config_args import parse_arg
-
-
-def _parse_mesh(text: str) -> list:
-  axes = []
-  for item in text.split("+"):
-    name, sep, size = item.partition(":")
-    try:
-      axes.append((name.strip(), int(size)))
-    except ValueError:
-      sep = ""
-    if not sep or not name.strip():
-      raise ValueError(f"config argument mesh={text!r}: expected axis:size pairs joined by '+', "
-                       "e.g. data:-1")
-  return axes
+from vpd_jax.config_args import parse_mesh
 
 
 def get_config(arg=None):
@@ -69,7 +56,7 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       size=a.size, dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat,
       attention_impl=a.attention))
-  config.mesh = _parse_mesh(a.mesh)
+  config.mesh = parse_mesh(a.mesh)
   config.world = ml_collections.ConfigDict(dict(
       name=a.world, hires_size=a.hires_size, target_radius=a.target_radius,
       video_frames=a.video_frames, video_size=a.video_size))

@@ -35,21 +35,7 @@ Arguments (key=value, comma separated; an unknown key is an error that lists the
 import ml_collections
 
 from vpd_jax.config_args import parse_arg
-
-
-def parse_mesh(text: str) -> list:
-  """"data:2+fsdp:-1" -> [("data", 2), ("fsdp", -1)]."""
-  axes = []
-  for item in text.split("+"):
-    name, sep, size = item.partition(":")
-    try:
-      axes.append((name.strip(), int(size)))
-    except ValueError:
-      sep = ""
-    if not sep or not name.strip():
-      raise ValueError(f"config argument mesh={text!r}: expected axis:size pairs joined by '+', "
-                       "e.g. data:-1 or data:2+fsdp:-1")
-  return axes
+from vpd_jax.config_args import parse_mesh
 
 
 def get_config(arg=None):

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from vpd_jax.config_args import parse_arg
+from vpd_jax.config_args import parse_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,3 +54,11 @@ def test_load_config_file_and_its_errors(tmp_path):
   (tmp_path / "empty.py").write_text("x = 1\n")
   with pytest.raises(ValueError, match="defines no get_config"):
     load_config_file(str(tmp_path / "empty.py"))
+
+
+def test_parse_mesh():
+  assert parse_mesh("data:2+fsdp:-1") == [("data", 2), ("fsdp", -1)]
+  assert parse_mesh("data:-1") == [("data", -1)]
+  for bad in ("data", "data:two", ":4", "data:2+"):
+    with pytest.raises(ValueError, match=r"config argument mesh=.*axis:size pairs"):
+      parse_mesh(bad)

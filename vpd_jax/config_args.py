@@ -2,7 +2,8 @@
 
 Config files are small Python modules (big_vision style): `get_config(arg)` declares its arguments with
 defaults, `parse_arg` converts the string the user typed into those types, and a key that the config
-does not declare is an error that lists the keys it does.
+does not declare is an error that lists the keys it does. `parse_mesh` reads the mesh argument the
+training configs share ("data:2+fsdp:-1").
 """
 
 from typing import Any
@@ -63,3 +64,18 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} defines no get_config(arg)")
   return module.get_config(arg)
+
+
+def parse_mesh(text: str) -> list:
+  """"data:2+fsdp:-1" -> [("data", 2), ("fsdp", -1)]."""
+  axes = []
+  for item in text.split("+"):
+    name, sep, size = item.partition(":")
+    try:
+      axes.append((name.strip(), int(size)))
+    except ValueError:
+      sep = ""
+    if not sep or not name.strip():
+      raise ValueError(f"config argument mesh={text!r}: expected axis:size pairs joined by '+', "
+                       "e.g. data:-1 or data:2+fsdp:-1")
+  return axes
