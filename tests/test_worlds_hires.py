@@ -64,3 +64,12 @@ def test_bad_configs_are_named():
     hires.HiresConfig(width=64)
   with pytest.raises(ValueError, match="families"):
     hires.generate_hires_example(0, 0, CONFIG, families=("count",))
+
+
+def test_bad_families_and_seed_are_named():
+  with pytest.raises(ValueError, match=r"unknown high-resolution question families \['count'\]"):
+    hires.generate_hires_example(0, 0, families=("count",))
+  with pytest.raises(ValueError, match="non-empty subset"):
+    hires.generate_hires_example(0, 0, families=())
+  with pytest.raises(ValueError, match="seed=-1"):
+    hires.generate_hires_example(-1, 0)

@@ -65,3 +65,14 @@ def test_bad_configs_are_named():
     video.VideoConfig(num_frames=1)
   with pytest.raises(ValueError, match="max_shapes"):
     video.VideoConfig(max_shapes=40)
+
+
+def test_bad_families_and_index_are_named():
+  with pytest.raises(ValueError, match=r"unknown video question families \['zoom'\]"):
+    video.generate_video_example(0, 0, families=("zoom",))
+  with pytest.raises(ValueError, match="index=-3"):
+    video.generate_video_example(0, -3)
+  # Families take turns by index.
+  families = video.VIDEO_FAMILIES[:2]
+  assert [video.generate_video_example(0, i, families=families).family
+          for i in range(4)] == [f"video_{families[0]}", f"video_{families[1]}"] * 2

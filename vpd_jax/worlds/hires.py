@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from vpd_jax.worlds.questions import Example, make_program
+from vpd_jax.worlds.questions import Example, family_turn, make_program
 from vpd_jax.worlds.render import render
 from vpd_jax.worlds.scene import BOUND_RADII, COLORS, SHAPES, SceneConfig, Shape, generate_scene
 
@@ -88,14 +88,7 @@ def target_box(example: Example, config: HiresConfig = HiresConfig()) -> tuple[i
 def generate_hires_example(seed: int, index: int, config: HiresConfig = HiresConfig(),
                            families=HIRES_FAMILIES) -> Example:
   """One example, deterministic in (seed, index); the target is the scene's last shape."""
-  families = tuple(families)
-  unknown = [f for f in families if f not in HIRES_FAMILIES]
-  if unknown or not families:
-    raise ValueError(f"unknown high-resolution question families {unknown}; expected a non-empty "
-                     f"subset of {HIRES_FAMILIES}")
-  if seed < 0 or index < 0:
-    raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
-  family = families[index % len(families)]
+  family = family_turn(seed, index, families, HIRES_FAMILIES, "high-resolution question")
   rng = np.random.default_rng([seed, index, 7])
   scene_config = SceneConfig(width=config.width, height=config.height,
                              min_shapes=config.min_distractors, max_shapes=config.max_distractors,

@@ -331,22 +331,23 @@ def pose_question(rng: np.random.Generator, scene: Scene, family: str) -> tuple[
     return question, answer, make_program(body)
 
 
-def _check_families(families) -> tuple[str, ...]:
-    families = FAMILIES if families is None else tuple(families)
-    unknown = [f for f in families if f not in FAMILIES]
+def family_turn(seed: int, index: int, families, known: tuple, kind: str = "question") -> str:
+    """The family of example `index` (families take turns by index) after checking the arguments:
+    `families` a non-empty subset of `known` (None: all of them), seed and index non-negative."""
+    families = known if families is None else tuple(families)
+    unknown = [f for f in families if f not in known]
     if unknown or not families:
-        raise ValueError(f"unknown question families {unknown} in {families}; expected a non-empty "
-                         f"subset of {FAMILIES}")
-    return families
+        raise ValueError(f"unknown {kind} families {unknown} in {families}; expected a non-empty "
+                         f"subset of {known}")
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
+    return families[index % len(families)]
 
 
 def generate_example(seed: int, index: int, scene_config: SceneConfig | None = None,
                      families=None) -> Example:
     """One example, deterministic in (seed, index); families take turns by index."""
-    families = _check_families(families)
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
-    family = families[index % len(families)]
+    family = family_turn(seed, index, families, FAMILIES)
     rng = np.random.default_rng([seed, index])
     config = scene_config or SceneConfig()
     for _ in range(100):

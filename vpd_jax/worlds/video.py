@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from vpd_jax.worlds.questions import family_turn
 from vpd_jax.worlds.render import render
 from vpd_jax.worlds.scene import COLORS, SHAPES, Scene, Shape
 
@@ -133,14 +134,7 @@ def _pose(rng, tracks, family, config):
 def generate_video_example(seed: int, index: int, config: VideoConfig = VideoConfig(),
                            families=VIDEO_FAMILIES) -> VideoExample:
   """One clip and question, deterministic in (seed, index); families take turns by index."""
-  families = tuple(families)
-  unknown = [f for f in families if f not in VIDEO_FAMILIES]
-  if unknown or not families:
-    raise ValueError(f"unknown video question families {unknown}; expected a non-empty subset "
-                     f"of {VIDEO_FAMILIES}")
-  if seed < 0 or index < 0:
-    raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
-  family = families[index % len(families)]
+  family = family_turn(seed, index, families, VIDEO_FAMILIES, "video question")
   rng = np.random.default_rng([seed, index, 11])
   for _ in range(100):
     tracks = _tracks(rng, config)
