@@ -10,25 +10,18 @@ section.
 """
 
 import argparse
-import json
 
 from PIL import Image
 from PIL import ImageDraw
+
+from vpd_jax.programs import records
 
 COLORS = ((200, 40, 40), (40, 80, 220))
 
 
 def grpo_series(path: str, key: str, smooth: int = 10) -> tuple[list, list]:
   """(iterations, running means of `key`) over the GRPO lines of a metrics.jsonl."""
-  rows = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      try:
-        entry = json.loads(line)
-      except ValueError as e:
-        raise ValueError(f"{path}, line {n}: not JSON ({e})") from e
-      if entry.get("phase") == 1 and key in entry:
-        rows.append(entry)
+  rows = [entry for entry in records.read_jsonl(path) if entry.get("phase") == 1 and key in entry]
   if not rows:
     raise ValueError(f"{path} has no GRPO iterations with {key!r} (lines with \"phase\": 1)")
   xs = [r["step"] for r in rows]

@@ -80,3 +80,12 @@ def test_statistics_hand_computed():
   table = records.format_statistics(stats)
   assert "family" in table.splitlines()[0] and "wrong_answer" in table
   assert any(line.startswith("count ") and " 16.7 " in line for line in table.splitlines())
+
+
+def test_read_jsonl_keeps_file_order_and_names_a_bad_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 2, "loss": 1.5}\n{"step": 1}\n')
+  assert records.read_jsonl(str(path)) == [{"step": 2, "loss": 1.5}, {"step": 1}]
+  path.write_text('{"step": 1}\n{"step": 2, "loss": \n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not JSON"):
+    records.read_jsonl(str(path))

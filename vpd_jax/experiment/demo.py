@@ -76,15 +76,7 @@ def read_metrics(model_dir: str) -> list[dict]:
   resumed run appends), in step order."""
   from vpd_jax.train import loop  # pylint: disable=g-import-not-at-top
   path = os.path.join(model_dir, loop.METRICS_FILE)
-  by_step: dict[int, dict] = {}
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      try:
-        entry = json.loads(line)
-      except ValueError as e:
-        raise ValueError(f"{path}, line {n}: not JSON ({e})") from e
-      if "loss" in entry:
-        by_step[int(entry["step"])] = entry
+  by_step = {int(entry["step"]): entry for entry in records.read_jsonl(path) if "loss" in entry}
   return [by_step[s] for s in sorted(by_step)]
 
 

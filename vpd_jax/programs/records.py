@@ -136,6 +136,19 @@ def write_atomic(path: str, data: bytes) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+def read_jsonl(path: str) -> list[dict]:
+  """The objects of a JSON-lines file (one per line, e.g. a training run's metrics.jsonl), in file
+  order; a line that is not JSON raises ValueError naming the file and the line."""
+  entries = []
+  with tf.io.gfile.GFile(path) as f:
+    for n, line in enumerate(f, 1):
+      try:
+        entries.append(json.loads(line))
+      except ValueError as e:
+        raise ValueError(f"{path}, line {n}: not JSON ({e})") from e
+  return entries
+
+
 def write_shard(path: str, records: Iterable[TraceRecord]) -> int:
   """Writes records, sorted by example id, to one TFRecord shard atomically; returns the count."""
   ordered = sorted(records, key=lambda r: r.example_id)
