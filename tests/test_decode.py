@@ -2,14 +2,13 @@
 
 import functools
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from vpd_jax.models import decode
-from vpd_jax.models import sizes
 from vpd_jax.models import vlm
 
 VOCAB = 64
@@ -22,23 +21,8 @@ OPTIONS = {"gemma": {},
 
 @functools.lru_cache(maxsize=None)
 def _setup(variant):
-  """(config, params) of a tiny model with random weights, reshaped so that greedy outputs change
-  from step to step and a wrong position or cache slot shows up in the tokens: with tied
-  embeddings a fresh model mostly predicts its last input token again, so the final norm gets
-  random signs (1 + scale ~ N(0, 1)), and sharper attention and stronger blocks do the rest."""
-  config = sizes.get_size("tiny", vocab_size=VOCAB, **OPTIONS[variant])
-  params = jax.jit(functools.partial(vlm.init_params, vlm.VLM(config)))(jax.random.key(0))
-  rng = np.random.default_rng(0)
-
-  def reshape(path, x):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    if name.endswith("final_norm/scale"):
-      return jnp.asarray(rng.normal(size=x.shape) - 1.0, x.dtype)
-    if name.endswith(("q_einsum/w", "kv_einsum/w", "attn_vec_einsum/w", "mlp/linear")):
-      return x * 4
-    return x
-
-  return config, jax.tree_util.tree_map_with_path(reshape, flax.core.meta.unbox(params))
+  """(config, params) of the sharpened tiny model (helpers.sharpened_tiny_model) for `variant`."""
+  return helpers.sharpened_tiny_model(VOCAB, 0, **OPTIONS[variant])
 
 
 def _prompts(config, seed=0):

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+import helpers
 from vpd_jax import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,23 +153,6 @@ def _wait_all(processes, workdir, timeout=400):
   assert codes == [0, 0], (codes, _log(workdir, 0)[-3000:], _log(workdir, 1)[-3000:])
 
 
-def _losses(workdir):
-  losses = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if "loss" in record:
-        losses[record["step"]] = record["loss"]
-  return losses
-
-
-def _checkpoint_steps(workdir):
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
 @pytest.fixture(scope="module")
 def data_arg(trace_dir, vocab):
   return f"traces={trace_dir},vocab={vocab.sentencepiece_model_file}"
@@ -191,7 +175,7 @@ def preempted_run(tmp_path_factory, data_arg, compile_cache):
   deadline = time.time() + 400
   metrics = os.path.join(workdir, "metrics.jsonl")
   try:
-    while not (os.path.exists(metrics) and len(_losses(workdir)) >= 3):
+    while not (os.path.exists(metrics) and len(helpers.losses(workdir)) >= 3):
       assert all(p.poll() is None for p in processes), _log(workdir, 0)[-3000:]
       assert time.time() < deadline, "training did not start"
       time.sleep(0.05)
@@ -200,7 +184,7 @@ def preempted_run(tmp_path_factory, data_arg, compile_cache):
     raise
   processes[1].send_signal(signal.SIGTERM)  # host 1 only: host 0 learns of it through jax
   _wait_all(processes, workdir)
-  stopped, first_checkpoints = max(_losses(workdir)), _checkpoint_steps(workdir)
+  stopped, first_checkpoints = max(helpers.losses(workdir)), helpers.checkpoint_steps(workdir)
   with open(os.path.join(workdir, "host-0.txt")) as f:
     first_log = f.read()
   _wait_all(_start_hosts(arg, workdir, compile_cache), workdir)
@@ -216,8 +200,8 @@ def test_sigterm_to_one_host_saves_there_and_both_exit_then_resume(preempted_run
   assert f"step {stopped}: stopping after a termination signal" in first_log
   restored = re.findall(r"restored checkpoint step (\d+)", _log(workdir, 0))
   assert restored == [str(stopped)]
-  assert sorted(_losses(workdir)) == list(range(1, _STEPS + 1))
-  assert _checkpoint_steps(workdir) == [8, _STEPS]  # every 4 steps and the last; keep=2
+  assert sorted(helpers.losses(workdir)) == list(range(1, _STEPS + 1))
+  assert helpers.checkpoint_steps(workdir) == [8, _STEPS]  # every 4 steps and the last; keep=2
   assert os.path.exists(os.path.join(workdir, "checkpoints", str(_STEPS), "_CHECKPOINT_METADATA"))
   # Host 0 alone writes metrics and prints the result; host 1 logs warnings only.
   assert "compiled and ran the first step" in _log(workdir, 0)
@@ -237,7 +221,7 @@ def test_two_hosts_match_one_process_and_checkpoint_restores(tmp_path, preempted
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   # The interrupted two-host run computed the losses of one uninterrupted process on the same
   # global batches (summation order differs: ~1e-7 apart).
-  two_hosts, one_process = _losses(two_host_dir), _losses(workdir)
+  two_hosts, one_process = helpers.losses(two_host_dir), helpers.losses(workdir)
   assert sorted(two_hosts) == sorted(one_process) == list(range(1, _STEPS + 1))
   assert len(set(two_hosts.values())) == _STEPS  # the batches differ from step to step
   for step in two_hosts:

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+import helpers
 from vpd_jax.config_args import load_config_file
 from vpd_jax.train import checkpoint
 from vpd_jax.train import loop
@@ -79,24 +80,6 @@ def _wait(process, workdir, timeout=240):
   assert rc == 0, _stderr(workdir)[-4000:]
 
 
-def _losses(workdir):
-  """{step: loss}, the last line of each step winning (a restarted run appends)."""
-  losses = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if "loss" in record:
-        losses[record["step"]] = record["loss"]
-  return losses
-
-
-def _checkpoint_steps(workdir):
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
 def test_missing_vocab_is_an_error(tmp_path, trace_dir):
   config = _config(f"{_SMALL},traces={trace_dir},total_steps=1")
   with pytest.raises(ValueError, match="data.vocab is required with data.traces"):
@@ -137,19 +120,19 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, data_arg, compile_ca
   interrupted = _start(arg, resumed_dir, compile_cache)
 
   # Kill the second run without warning as soon as a checkpoint past the first is on disk.
-  while not [s for s in _checkpoint_steps(resumed_dir) if s >= 8]:
+  while not [s for s in helpers.checkpoint_steps(resumed_dir) if s >= 8]:
     assert interrupted.poll() is None, _stderr(resumed_dir)[-4000:]
     assert time.time() < deadline, "no checkpoint appeared"
     time.sleep(0.02)
   interrupted.send_signal(signal.SIGKILL)
   assert interrupted.wait(timeout=60) == -signal.SIGKILL
-  assert max(_checkpoint_steps(resumed_dir)) < 30, "the run finished before it was killed"
+  assert max(helpers.checkpoint_steps(resumed_dir)) < 30, "the run finished before it was killed"
 
   _wait(reference, reference_dir)
-  expected = _losses(reference_dir)
+  expected = helpers.losses(reference_dir)
   assert sorted(expected) == list(range(1, 31))
   assert len(set(expected.values())) > 25  # the losses do move from step to step
-  assert _checkpoint_steps(reference_dir) == [24, 28, 30]  # keep=3
+  assert helpers.checkpoint_steps(reference_dir) == [24, 28, 30]  # keep=3
   records = _records(reference_dir)
   expected_eval = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
   assert sorted(expected_eval) == [15, 30]
@@ -163,7 +146,7 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, data_arg, compile_ca
   assert len(restored) == 1, _stderr(resumed_dir)[-4000:]
   restored = int(restored[0])
   assert 8 <= restored < 30 and restored % 4 == 0
-  resumed = _losses(resumed_dir)
+  resumed = helpers.losses(resumed_dir)
   assert sorted(resumed) == list(range(1, 31))
   # Same data, same state, same program: the losses after the restored step are identical.
   for step in range(restored + 1, 31):
@@ -178,14 +161,15 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, data_arg, co
   # The same program as above (so the compile cache serves it), with no periodic checkpoint.
   process = _start(_run_arg(data_arg) + ",ckpt_every=1000", workdir, compile_cache)
   deadline = time.time() + 240
-  while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(_losses(workdir)) >= 3):
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  while not (os.path.exists(metrics) and len(helpers.losses(workdir)) >= 3):
     assert process.poll() is None, _stderr(workdir)[-4000:]
     assert time.time() < deadline, "training did not start"
     time.sleep(0.02)
   process.send_signal(signal.SIGTERM)
   _wait(process, workdir, timeout=120)
-  steps = _checkpoint_steps(workdir)
-  last_step = max(_losses(workdir))
+  steps = helpers.checkpoint_steps(workdir)
+  last_step = max(helpers.losses(workdir))
   assert steps == [last_step] and 3 <= last_step < 30, (steps, last_step)
   assert f"step {last_step}: stopping after a termination signal" in _stderr(workdir)
   # The checkpoint is complete: no temporary directory is left and orbax marked it committed.

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from vpd_jax.models import sizes
 from vpd_jax.models import vlm
 from vpd_jax.rl import conversation
@@ -30,20 +31,7 @@ class CharVocab:
 def _model():
   """Tiny model with random weights, sharpened so greedy tokens change from step to step (a fresh
   tied-embedding model mostly repeats its input), which makes a wrong cache slot visible."""
-  config = sizes.get_size("tiny", vocab_size=VOCAB)
-  params = jax.jit(functools.partial(vlm.init_params, vlm.VLM(config)))(jax.random.key(1))
-  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                        is_leaf=lambda x: hasattr(x, "value"))
-  rng = np.random.default_rng(0)
-
-  def sharpen(path, x):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    if name.endswith("final_norm/scale"):
-      return jnp.asarray(rng.normal(size=x.shape) - 1.0, x.dtype)
-    if name.endswith(("q_einsum/w", "kv_einsum/w", "attn_vec_einsum/w", "mlp/linear")):
-      return x * 4
-    return x
-  return config, jax.tree_util.tree_map_with_path(sharpen, params)
+  return helpers.sharpened_tiny_model(VOCAB, 1)
 
 
 def _task(seed=0):
