@@ -161,6 +161,62 @@ def test_attention_matches_numpy_reference(heads, kv_heads, softcap):
   np.testing.assert_allclose(np.asarray(got)[rows], expected[rows], atol=1e-5)
 
 
+def _autodiff_attention(q, k, v, mask, softcap, scale):
+  """Dense attention in the [B, T, K, G, D] layout, differentiated by JAX (the dense path's
+  written-out backward pass is checked against this)."""
+  batch, length, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k) * scale
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
+  logits = jnp.where(mask[:, None, None], logits, -2.3819763e38)
+  out = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(logits, axis=-1), v)
+  return out.reshape(batch, length, heads, dim)
+
+
+@pytest.mark.parametrize("heads,kv_heads,softcap", [(4, 4, None), (6, 2, 5.0), (4, 1, None)])
+def test_dense_attention_gradients_match_autodiff(heads, kv_heads, softcap):
+  rng = np.random.default_rng(10 + heads + kv_heads)
+  batch, length, dim = 2, 11, 8
+  ar_flag, segment_ids = _random_rows(rng, batch, length)
+  segment_ids[:, :2] = 0  # padding queries that see no key at all
+  mask = jnp.asarray(_numpy_mask(ar_flag, segment_ids))
+  q = rng.normal(size=(batch, length, heads, dim)).astype(np.float32)
+  k, v = (rng.normal(size=(batch, length, kv_heads, dim)).astype(np.float32) for _ in range(2))
+  weights = rng.normal(size=q.shape).astype(np.float32)
+
+  def grads(fn):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  got = grads(lambda q, k, v: attention.dot_product_attention(q, k, v, mask, softcap=softcap,
+                                                              scale=0.6))
+  expected = grads(lambda q, k, v: _autodiff_attention(q, k, v, mask, softcap, 0.6))
+  for name, g, e in zip("qkv", got, expected):
+    assert g.shape == e.shape, name
+    np.testing.assert_allclose(g, e, atol=2e-5, rtol=1e-5, err_msg=f"d{name}")
+  assert float(jnp.abs(got[0]).max()) > 0.1  # the check is not between two zero gradients
+  # bfloat16 inputs get bfloat16 gradients close to the float32 ones.
+  low = grads(lambda q, k, v: attention.dot_product_attention(
+      q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), mask,
+      softcap=softcap, scale=0.6).astype(jnp.float32))
+  for g, e in zip(low, expected):
+    np.testing.assert_allclose(g, e, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("approximate", [True, False])
+def test_geglu_gradients_match_autodiff(approximate):
+  rng = np.random.default_rng(3)
+  gate, up, weights = (rng.normal(scale=2.0, size=(7, 13)).astype(np.float32) for _ in range(3))
+  plain = lambda g, u: nn.gelu(g, approximate=approximate) * u
+  np.testing.assert_allclose(gemma.geglu(gate, up, approximate), plain(gate, up), atol=1e-6)
+  got = jax.grad(lambda g, u: jnp.sum(gemma.geglu(g, u, approximate) * weights), (0, 1))(gate, up)
+  expected = jax.grad(lambda g, u: jnp.sum(plain(g, u) * weights), (0, 1))(gate, up)
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_impl_switch():
   assert attention.resolve_impl("auto") == attention.resolve_impl("xla") == "xla"
   assert attention.resolve_impl("pallas") == "pallas"
@@ -221,6 +277,22 @@ def test_rope_follows_the_rotate_half_convention():
   rotated = np.concatenate([-x[..., 4:], x[..., :4]], axis=-1)
   expected = x * np.cos(angles) + rotated * np.sin(angles)
   np.testing.assert_allclose(gemma.apply_rope(x, positions, 10_000.0), expected, atol=1e-5)
+
+
+def test_rope_gradient_matches_autodiff():
+  rng = np.random.default_rng(1)
+  x, weights = (rng.normal(size=(2, 5, 3, 8)).astype(np.float32) for _ in range(2))
+  positions = jnp.asarray(rng.integers(0, 50, (2, 5)))
+
+  def plain(x):
+    inv_freq = 1.0 / (10_000 ** (jnp.arange(0, 8, 2) / 8))
+    angles = jnp.concatenate([positions[..., None] * inv_freq] * 2, axis=-1)[:, :, None, :]
+    rotated = jnp.concatenate([-x[..., 4:], x[..., :4]], axis=-1)
+    return x * jnp.cos(angles) + rotated * jnp.sin(angles)
+
+  got = jax.grad(lambda x: jnp.sum(gemma.apply_rope(x, positions, 10_000.0) * weights))(x)
+  expected = jax.grad(lambda x: jnp.sum(plain(x) * weights))(x)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------- the VLM

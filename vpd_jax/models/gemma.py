@@ -31,6 +31,8 @@ one qkv_einsum [3, N, D, H].) Hugging Face names: gating_einsum[0] = gate_proj.T
 gating_einsum[1] = up_proj.T; Gemma 1's post_attention_layernorm is pre_ffw_norm here.
 """
 
+import functools
+import math
 from typing import Optional
 
 import flax.linen as nn
@@ -56,9 +58,63 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   inv_freq = 1.0 / (base ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)))
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  return _rotate(x.astype(jnp.float32), sin, cos).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _rotate(x, sin, cos):
+  """(x1 cos - x2 sin, x2 cos + x1 sin) on the halves of the last axis of x."""
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _rotate_fwd(x, sin, cos):
+  return _rotate(x, sin, cos), (sin, cos)
+
+
+def _rotate_bwd(residuals, d_out):
+  # A rotation's transpose is the rotation by the opposite angle: one concatenation, where
+  # autodiff of the slices would pad each half's gradient and add them.
+  sin, cos = residuals
+  return _rotate(d_out, -sin, cos), None, None
+
+
+_rotate.defvjp(_rotate_fwd, _rotate_bwd)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_and_slope(x, approximate: bool):
+  """GELU(x) and its derivative (tanh approximation or exact)."""
+  if approximate:
+    t = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (
+        1.0 + 3 * 0.044715 * x * x)
+    return 0.5 * x * (1.0 + t), slope
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+  return x * cdf, cdf + x * jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def geglu(gate: jax.Array, up: jax.Array, approximate: bool) -> jax.Array:
+  """GELU(gate) * up. Its backward pass recomputes GELU and its slope from `gate` in one loop
+  instead of keeping autodiff's intermediates (BENCHMARKS.md, "train")."""
+  return nn.gelu(gate, approximate=approximate) * up
+
+
+def _geglu_fwd(gate, up, approximate):
+  return geglu(gate, up, approximate), (gate, up)
+
+
+def _geglu_bwd(approximate, residuals, d_out):
+  gate, up = residuals
+  gelu, slope = _gelu_and_slope(gate, approximate)
+  return d_out * up * slope, d_out * gelu
+
+
+geglu.defvjp(_geglu_fwd, _geglu_bwd)
 
 
 class RMSNorm(nn.Module):
@@ -164,8 +220,8 @@ class FeedForward(nn.Module):
     # longer; bench/train.py).
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
-    gate = nn.gelu(jnp.dot(rows, gating[0]), approximate=cfg.hidden_act == "gelu_tanh")
-    hidden = (gate * jnp.dot(rows, gating[1])).reshape(*shape[:-1], cfg.mlp_dim)
+    hidden = geglu(jnp.dot(rows, gating[0]), jnp.dot(rows, gating[1]),
+                   cfg.hidden_act == "gelu_tanh").reshape(*shape[:-1], cfg.mlp_dim)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     return jnp.dot(hidden.reshape(rows.shape[0], cfg.mlp_dim), linear).reshape(shape)
 
