@@ -217,6 +217,39 @@ def test_geglu_gradients_match_autodiff(approximate):
     np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
 
 
+def test_norms_match_their_definitions_and_autodiff():
+  from vpd_jax.models import norms  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  x, weights = (rng.normal(loc=0.5, scale=2.0, size=(3, 5, 16)).astype(np.float32)
+                for _ in range(2))
+  scale, bias = (rng.normal(size=16).astype(np.float32) for _ in range(2))
+
+  def plain_rms(x, scale):
+    return x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * (1 + scale)
+
+  def plain_ln(x, scale, bias):
+    centred = x - jnp.mean(x, -1, keepdims=True)
+    return centred / jnp.sqrt(jnp.mean(centred ** 2, -1, keepdims=True) + 1e-6) * scale + bias
+
+  flax_ln = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)
+  np.testing.assert_allclose(norms.layer_norm(x, scale, bias, 1e-6), flax_ln.apply(
+      {"params": {"scale": scale, "bias": bias}}, x), atol=1e-5)
+  cases = [(lambda x, s: norms.rms_norm(x, s, 1e-6), plain_rms, (x, scale)),
+           (lambda x, s, b: norms.layer_norm(x, s, b, 1e-6), plain_ln, (x, scale, bias))]
+  for ours, plain, args in cases:
+    np.testing.assert_allclose(ours(*args), plain(*args), atol=1e-5)
+    argnums = tuple(range(len(args)))
+    got = jax.grad(lambda *a: jnp.sum(ours(*a) * weights), argnums)(*args)
+    expected = jax.grad(lambda *a: jnp.sum(plain(*a) * weights), argnums)(*args)
+    for g, e in zip(got, expected):
+      assert g.shape == e.shape
+      np.testing.assert_allclose(g, e, atol=2e-5, rtol=1e-5)
+  # bfloat16 inputs keep their dtype, forward and backward.
+  low = x.astype(jnp.bfloat16)
+  d_low = jax.grad(lambda v: jnp.sum(norms.rms_norm(v, scale, 1e-6).astype(jnp.float32)))(low)
+  assert norms.rms_norm(low, scale, 1e-6).dtype == d_low.dtype == jnp.bfloat16
+
+
 def test_attention_impl_switch():
   assert attention.resolve_impl("auto") == attention.resolve_impl("xla") == "xla"
   assert attention.resolve_impl("pallas") == "pallas"

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from vpd_jax.models import attention as attention_lib
+from vpd_jax.models import norms
 from vpd_jax.models import sizes
 
 
@@ -125,9 +126,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", _init(nn.initializers.zeros_init(), ("embed",)),
                        (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    return norms.rms_norm(x, scale, self.eps)
 
 
 class Einsum(nn.Module):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpd_jax.models import attention as attention_lib
+from vpd_jax.models import norms
 from vpd_jax.models import sizes
 
 _LN_EPS = 1e-6
@@ -35,12 +36,24 @@ def _init(initializer, names):
   return nn.with_logical_partitioning(initializer, names)
 
 
-def _layer_norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
-  # The two-pass variance matches PyTorch's LayerNorm more closely than E[x^2] - E[x]^2.
-  return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype,
-                      use_fast_variance=False, name=name,
-                      scale_init=_init(nn.initializers.ones_init(), ("vit_embed",)),
-                      bias_init=_init(nn.initializers.zeros_init(), ("vit_embed",)))
+class LayerNorm(nn.Module):
+  """LayerNorm with flax's parameter names (scale, bias) and the written-out backward pass of
+  norms.layer_norm."""
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    scale = self.param("scale", _init(nn.initializers.ones_init(), ("vit_embed",)), (width,),
+                       self.param_dtype)
+    bias = self.param("bias", _init(nn.initializers.zeros_init(), ("vit_embed",)), (width,),
+                      self.param_dtype)
+    return norms.layer_norm(x.astype(self.dtype), scale, bias, _LN_EPS)
+
+
+def _layer_norm(name: str, dtype, param_dtype) -> LayerNorm:
+  return LayerNorm(dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class _Projection(nn.Module):
